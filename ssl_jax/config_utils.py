@@ -1,0 +1,57 @@
+"""Helpers shared by the config files in configs/ (variant parsing, common blocks)."""
+import ml_collections
+
+
+def parse_variant(arg, variants):
+  """`arg` is the text after ':' in --config=file.py:ARG; returns the variant name."""
+  name = arg or 'default'
+  if name not in variants:
+    raise ValueError(f'Unknown config variant {name!r}; choose one of {sorted(variants)}.')
+  return name
+
+
+def data(name='digits', image_size=32, **kw):
+  return ml_collections.ConfigDict(dict(
+      name=name, path='', tfds_name='', data_dir=ml_collections.FieldReference(None, str),
+      image_size=image_size, train_split='train', eval_split='test', sampler='permutation', **kw))
+
+
+def model(name='resnet18', stem='cifar', width=64, bn_groups=8, dtype='float32'):
+  return ml_collections.ConfigDict(dict(name=name, stem=stem, width=width, bn_groups=bn_groups,
+                                        dtype=dtype, zero_init_residual=False))
+
+
+def sgd(lr, weight_decay=1e-4, schedule='cosine', warmup_epochs=0.0, final_lr=0.0):
+  return ml_collections.ConfigDict(dict(
+      name='sgd', lr=lr, momentum=0.9, nesterov=False, weight_decay=weight_decay,
+      schedule=schedule, warmup_epochs=warmup_epochs, warmup_start_lr=0.0, final_lr=final_lr,
+      milestones=(), exclude_bias_and_norm=False))
+
+
+def base(method):
+  c = ml_collections.ConfigDict()
+  c.job = 'pretrain'
+  c.method = method
+  c.seed = 0
+  c.batch_size = 256
+  c.eval_batch_size = 256
+  c.num_epochs = 200.0
+  c.num_steps = 0            # > 0 overrides num_epochs
+  c.stop_at_step = 0         # > 0: checkpoint and exit there (split a run into wall-time-limited jobs)
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 2
+  c.eval_every_steps = 0     # online kNN cadence; kNN always runs at the end
+  c.knn = ml_collections.ConfigDict(dict(k=20, ks=(20,), temperature=0.07))
+  return c
+
+
+def load_sibling(this_file, name):
+  """Imports configs/<name>.py next to `this_file` (config files are loaded by path, not package)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.abspath(this_file)), f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'ssl_jax_configs_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
