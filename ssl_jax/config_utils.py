@@ -55,3 +55,46 @@ def load_sibling(this_file, name):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def load_config_file(spec):
+  """Loads `path[:arg]` the way --config does; returns the ConfigDict."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'--config={spec}: no config file at {path!r} (run from the repo root, '
+                            'e.g. --config=configs/mocov2.py:smoke).')
+  module_spec = importlib.util.spec_from_file_location('ssl_jax_user_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def check_overrides(argv):
+  """Validates --config and every --config.a.b=value override before absl parses them.
+
+  absl/ml_collections report an unknown key as a bare KeyError traceback; this says which key is
+  wrong, in which config, and what the close matches are.
+  """
+  import difflib  # pylint: disable=g-import-not-at-top
+  spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if spec is None:
+    return
+  config = load_config_file(spec)
+  for arg in argv:
+    if not arg.startswith('--config.'):
+      continue
+    path = arg[len('--config.'):].split('=', 1)[0]
+    node = config
+    parts = path.split('.')
+    for i, part in enumerate(parts):
+      keys = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      if part not in keys:
+        where = '.'.join(['config'] + parts[:i]) or 'config'
+        hint = difflib.get_close_matches(part, keys, n=3)
+        raise SystemExit(
+            f'Unknown config key --config.{path}: {where} has no field {part!r}'
+            + (f' (did you mean {", ".join(hint)}?)' if hint else '')
+            + f'. Fields of {where}: {", ".join(sorted(keys))}.')
+      node = node[part]
