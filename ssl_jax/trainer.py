@@ -81,6 +81,8 @@ def _freeze(tx, new_params, old_params, new_opt, old_opt, frozen):
 
 def make_train_step(config, method, model, tx, view_fn, schedule, mesh, state_shardings):
   def train_step(state, batch):
+    if method.prepare_params is not None:  # e.g. SwAV re-normalises its prototypes every step
+      state = state.replace(params=method.prepare_params(config, state.params))
     step_rng = jax.random.fold_in(state.rng, state.step)
     view_rng, loss_rng = jax.random.split(step_rng)
     crops = view_fn(view_rng, batch['image'])

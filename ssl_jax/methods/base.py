@@ -14,6 +14,8 @@ what happens to its state after each step.
   prepare(config, ctx, state) -> state               (host, once, before step 0 of a fresh run)
   after_step(config, ctx, state) -> state            (host, after every step; keep it cheap)
   frozen_params(config, step) -> {top-level param name: bool}   (skip their update entirely)
+  prepare_params(config, params) -> params           (inside jit, before the forward; the
+      optimiser then updates the returned params, as SwAV's in-place prototype normalisation)
 """
 import dataclasses
 from typing import Any, Callable, Optional
@@ -45,3 +47,4 @@ class Method:
   prepare: Optional[Callable[..., Any]] = None
   after_step: Optional[Callable[..., Any]] = None
   frozen_params: Optional[Callable[..., Any]] = None
+  prepare_params: Optional[Callable[..., Any]] = None
