@@ -99,9 +99,9 @@ def make_train_step(config, method, model, tx, view_fn, schedule, mesh, state_sh
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               batch_stats=aux['batch_stats'])
     new_state = method.update_state(config, new_state, aux)
-    metrics = {'loss': loss, 'lr': schedule(state.step), 'l2_grads': optax.global_norm(grads),
-               'l2_params': optax.global_norm(params),
-               'l2_updates': optax.global_norm(jax.tree.map(jnp.subtract, params, state.params)),
+    metrics = {'loss': loss, 'lr': schedule(state.step), 'l2_grads': optax.tree.norm(grads),
+               'l2_params': optax.tree.norm(params),
+               'l2_updates': optax.tree.norm(jax.tree.map(jnp.subtract, params, state.params)),
                **aux.get('metrics', {})}
     return new_state, metrics
 
@@ -254,9 +254,9 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict:
       if done % ckpt_every == 0 or last:
         ckpt.save(done, state, meta(done))
         last_saved = done
-      if (eval_every and done % eval_every == 0) or last:
+      if (eval_every and done % eval_every == 0) or done == total_steps:
         summary.update(_online_knn(ctx, state, eval_source, config, writer, done))
-    if start >= stop_at:  # nothing left to train: still report the final metrics
+    if start >= total_steps:  # nothing left to train: still report the final metrics
       summary.update(_online_knn(ctx, state, eval_source, config, writer, start))
   finally:
     data.close()

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import shutil
+
 import jax
 import numpy as np
 import pytest
@@ -94,26 +96,37 @@ def test_sigkill_resumes_from_last_checkpoint(tmp_path):
     assert json.load(f)['step'] == killed_at + 4
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-  workdir = str(tmp_path / 'nan')
+@pytest.fixture(scope='module')
+def stopped_run(tmp_path_factory):
+  """A run checkpointed at step 3 of 6; tests get their own copy of its workdir."""
+  workdir = str(tmp_path_factory.mktemp('stopped') / 'run')
   trainer.train_and_evaluate(tiny_config(stop_at_step=3), workdir)
+  return workdir
+
+
+def _copy(run, tmp_path, name):
+  dst = str(tmp_path / name)
+  shutil.copytree(run, dst)
+  return dst
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(stopped_run, tmp_path):
+  workdir = _copy(stopped_run, tmp_path, 'nan')
   with pytest.raises(FloatingPointError, match=r'step \d+.*last good checkpoint \(step 3\)'):
     trainer.train_and_evaluate(tiny_config(**{'optimizer.lr': 1e30}), workdir)
   step, _ = read_state(workdir)
   assert step == 3
 
 
-def test_checkpoint_from_other_model_is_refused_and_kept(tmp_path):
-  workdir = str(tmp_path / 'other')
-  trainer.train_and_evaluate(tiny_config(stop_at_step=3), workdir)
+def test_checkpoint_from_other_model_is_refused_and_kept(stopped_run, tmp_path):
+  workdir = _copy(stopped_run, tmp_path, 'other')
   with pytest.raises(ValueError, match='different model'):
     trainer.train_and_evaluate(tiny_config(**{'model.width': 8}), workdir)
   assert read_state(workdir)[0] == 3
 
 
-def test_corrupt_checkpoint_gives_clear_error(tmp_path):
-  workdir = str(tmp_path / 'corrupt')
-  trainer.train_and_evaluate(tiny_config(stop_at_step=3), workdir)
+def test_corrupt_checkpoint_gives_clear_error(stopped_run, tmp_path):
+  workdir = _copy(stopped_run, tmp_path, 'corrupt')
   meta_dir = os.path.join(workdir, 'checkpoints', '3', 'meta')
   for name in os.listdir(meta_dir):
     with open(os.path.join(meta_dir, name), 'w') as f:
