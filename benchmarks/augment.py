@@ -18,6 +18,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -74,6 +75,10 @@ def main(argv=None):
                       help="timed calls for the 224 px training recipes")
   parser.add_argument("--input_224", type=int, default=256,
                       help="side of the input images of the 224 px recipes")
+  parser.add_argument("--step_config", default="configs/mocov2.py:cifar10",
+                      help="config whose train step the augmentation share is measured against "
+                           "('' to skip)")
+  parser.add_argument("--step_repeats", type=int, default=1, help="timed train steps")
   args = parser.parse_args(argv)
 
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; batch {args.batch}")
@@ -87,7 +92,32 @@ def main(argv=None):
     results[name] = round(img_per_s, 1)
     print(f"{name:<24}{side:>9}{num_views:>7}{img_per_s:>10.1f}"
           f"{1000 * args.batch / img_per_s:>11.0f}", flush=True)
+  if args.step_config:
+    results.update(_augment_share(args.step_config, args.batch, args.step_repeats))
   print(json.dumps(results))
+
+
+def _augment_share(spec, batch, repeats):
+  """Share of a full MoCo v2 train step (which augments inside the step) spent augmenting."""
+  import step_time  # pylint: disable=g-import-not-at-top  (benchmarks/step_time.py)
+  from ssl_jax import config_utils, sharding  # pylint: disable=g-import-not-at-top
+  from ssl_jax.methods import get_method  # pylint: disable=g-import-not-at-top
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config = config_utils.load_config_file(os.path.join(repo, spec))
+  config.batch_size = batch
+  size = config.data.image_size
+  mesh = sharding.make_mesh()
+  rng = np.random.RandomState(0)
+  host = {"image": rng.randint(0, 256, (batch, size, size, 3)).astype(np.uint8),
+          "label": np.zeros(batch, np.int32), "index": np.arange(batch, dtype=np.int32)}
+  step_s = step_time.time_method(get_method(config.method), config, mesh,
+                                 jax.device_put(host, sharding.batch_sharded(mesh)), repeats)
+  aug_s = batch / measure_recipe(config.augment, batch, size, max(repeats, 3))
+  share = aug_s / step_s
+  print(f"\n{spec} train step at batch {batch}: {1000 * step_s:.0f} ms; its augmentation "
+        f"{1000 * aug_s:.0f} ms = {100 * share:.1f}% of the step (target <= 15%)")
+  return {"step_config": spec, "step_ms": round(1000 * step_s, 1),
+          "augment_ms": round(1000 * aug_s, 1), "augment_share_of_step": round(share, 4)}
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ def parse_variant(arg, variants):
 
 
 def data(name='digits', image_size=32, **kw):
-  return ml_collections.ConfigDict(dict(
-      name=name, path='', tfds_name='', data_dir=ml_collections.FieldReference(None, str),
-      image_size=image_size, train_split='train', eval_split='test', sampler='permutation', **kw))
+  fields = dict(name=name, path='', tfds_name='', data_dir=ml_collections.FieldReference(None, str),
+                image_size=image_size, train_split='train', eval_split='test',
+                sampler='permutation')
+  fields.update(kw)
+  return ml_collections.ConfigDict(fields)
 
 
 def model(name='resnet18', stem='cifar', width=64, bn_groups=8, dtype='float32'):
