@@ -5,7 +5,8 @@ Variants (`--config=configs/mocov2.py:VARIANT`):
 * `smoke`: offline quickstart. scikit-learn digits upsampled to 32 px, tiny ResNet (width 8),
   batch 64, 3 epochs, checkpoints every 20 steps, prints weighted-kNN top-1.
     python -m ssl_jax.main --config=configs/mocov2.py:smoke --workdir=/tmp/mocov2_smoke
-  Hardware: any CPU. Time: ~1-2 min on a 2-core CPU. kNN top-1 on digits: see README.
+  Hardware: any CPU. Time: ~1-2 min on an idle 2-core CPU (3.8 min measured on a heavily shared
+  one). Measured kNN top-1 @20 on the 360 held-out digits: 0.81.
 * `cifar10_cpu`: sized for a 2-core CPU and benchmarks/quality.py on the 10k-image CIFAR-10 subset.
     python benchmarks/quality.py --config=configs/mocov2.py:cifar10_cpu \
         --data=../shared/data/cifar10_subset.npz
