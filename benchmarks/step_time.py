@@ -37,6 +37,7 @@ class Classifier(nn.Module):
   backbone: nn.Module
   num_classes: int
 
+  @nn.compact
   def __call__(self, x, train=True):
     out = dict(self.backbone(x, train))
     out['logits'] = nn.Dense(self.num_classes)(out['pooled'])
