@@ -144,7 +144,7 @@ def test_jax_solver_optimum_matches_liblinear():
   prepared = svm_jax.prepare(x)
   costs = (0.01, 1.0, 10.0)
   weight = np.where(y > 0, 2.0, 1.0)[:, None]
-  _, beta, info = svm_jax.solve_path(prepared, y[:, None], weight, costs, tol=1e-5)
+  _, beta, _, info = svm_jax.solve_path(prepared, y[:, None], weight, costs, tol=1e-5)
   assert info['unconverged'] == 0
   for j, cost in enumerate(costs):
     clf = LinearSVC(C=cost, class_weight={1: 2, -1: 1}, tol=1e-8, max_iter=100000,

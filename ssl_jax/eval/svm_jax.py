@@ -84,8 +84,12 @@ class SolveResult:
 
 
 @functools.partial(jax.jit, static_argnames=("max_cg", "block_rank"))
-def _solve(factor, y, c, z0, tol, cg_rtol, max_newton, *, max_cg, block_rank):
-  """Truncated Newton for P problems sharing `factor`; see the module docstring."""
+def _solve(factor, y, c, z0, tol, cg_rtol, max_newton, min_live, *, max_cg, block_rank):
+  """Truncated Newton for P problems sharing `factor`; see the module docstring.
+
+  Returns to the host after `max_newton` steps, when every problem has converged, or when at
+  most `min_live` problems are left (the host then continues with a narrower batch).
+  """
   a = factor
   rank = min(block_rank, a.shape[1])
   a_sq = a * a
@@ -152,7 +156,8 @@ def _solve(factor, y, c, z0, tol, cg_rtol, max_newton, *, max_cg, block_rank):
 
   def newton_cond(state):
     z, _, g, *_, it, _ = state
-    return (it < max_newton) & jnp.any(~converged(z, g))
+    live = jnp.sum(~converged(z, g))
+    return (it < max_newton) & (live > 0) & ((live > min_live) | (it == 0))
 
   f0 = jnp.matmul(a, z0, precision=_HIGHEST)
   g0, s0, r0 = gradient(z0, f0)
@@ -198,20 +203,20 @@ def _line_search(z, d, ad, y, r, c, iters: int = 12):
 
 
 def _widths(num_problems: int) -> Tuple[int, ...]:
-  """Batch widths used as problems converge: P, ~P/4, ~P/16 (multiples of 8; few compiles)."""
-  shrunk = {max(8, -(-num_problems // d // 8) * 8) for d in (4, 16)}
+  """Batch widths used as problems converge: P, ~P/2, ~P/4, ~P/16 (multiples of 8)."""
+  shrunk = {max(8, -(-num_problems // d // 8) * 8) for d in (2, 4, 16)}
   return tuple(sorted({num_problems} | {w for w in shrunk if w < num_problems}))
 
 
 def solve(prepared: Prepared, y, c, z0=None, *, tol: float = 1e-3, cg_rtol: float = 0.1,
-          max_newton: int = 100, max_cg: int = 200, block_rank: int = 64,
-          newton_per_call: int = 2) -> SolveResult:
+          max_newton: int = 100, max_cg: int = 200,
+          block_rank: int = 64) -> SolveResult:
   """Solves P squared-hinge SVMs that share the training rows of `prepared`.
 
   Problems converge at different Newton iterations (the large costs take longest), and a
-  batched step costs the same for a converged column as for a live one. So the device runs
-  `newton_per_call` Newton steps at a time and the host then drops the converged problems,
-  shrinking the batch to ~P/4 and ~P/16 columns (`_widths`: one compilation each).
+  batched step costs the same for a converged column as for a live one. So the device stops
+  as soon as the live problems fit a narrower batch, and the host continues with only those:
+  ~P/2, ~P/4 and ~P/16 columns (`_widths`: one compilation each).
 
   Args:
     prepared: from `prepare` (or `Prepared.subset`).
@@ -222,7 +227,6 @@ def solve(prepared: Prepared, y, c, z0=None, *, tol: float = 1e-3, cg_rtol: floa
     cg_rtol: relative residual at which each inner CG solve stops.
     max_newton, max_cg: iteration caps (outer per problem, and inner per Newton step).
     block_rank: eigen-directions preconditioned with their exact block.
-    newton_per_call: Newton steps between two compactions.
 
   Returns:
     SolveResult; decision values of row i for problem p are f[i, p].
@@ -240,12 +244,13 @@ def solve(prepared: Prepared, y, c, z0=None, *, tol: float = 1e-3, cg_rtol: floa
   newton_total = cg_total = 0
   while live.size:
     width = min(w for w in widths if w >= live.size)
+    narrower = max([w for w in widths if w < width], default=0)
     # Padding columns have no training row (c = 0): converged on arrival, results ignored.
     cols = np.concatenate([live, np.full(width - live.size, live[0])])
     real = np.arange(width) < live.size
     out = _solve(prepared.factor, y[:, cols], np.where(real, c[:, cols], 0.0),
                  np.where(real, z[:, cols], 0.0), jnp.float32(tol), jnp.float32(cg_rtol),
-                 jnp.int32(min(newton_per_call, max_newton - newton_total)), max_cg=max_cg,
+                 jnp.int32(max_newton - newton_total), jnp.int32(narrower), max_cg=max_cg,
                  block_rank=block_rank)
     out_z, out_f, out_beta, it, cg, ok = jax.device_get(out)
     k = live.size
@@ -260,7 +265,7 @@ def solve(prepared: Prepared, y, c, z0=None, *, tol: float = 1e-3, cg_rtol: floa
 
 
 def solve_path(prepared: Prepared, y, weight, costs: Sequence[float],
-               **options) -> Tuple[np.ndarray, np.ndarray, Dict]:
+               **options) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Dict]:
   """Solves every problem at every cost, sweeping costs upwards with warm starts.
 
   Args:
@@ -272,20 +277,24 @@ def solve_path(prepared: Prepared, y, weight, costs: Sequence[float],
 
   Returns:
     (f [len(costs), n, P] decision values of every row, beta [len(costs), n, P],
-     {"newton_iters", "cg_iters", "unconverged"} summed over costs).
+     z [len(costs), m, P], {"newton_iters", "cg_iters", "unconverged"} summed over costs).
   """
   weight = np.asarray(weight, np.float32)
-  fs, betas = [None] * len(costs), [None] * len(costs)
+  fs, betas, zs = [None] * len(costs), [None] * len(costs), [None] * len(costs)
   info = {"newton_iters": 0, "cg_iters": 0, "unconverged": 0}
   z = None
   for j in np.argsort(costs, kind="stable"):
     result = solve(prepared, y, float(costs[j]) * weight, z, **options)
     z = result.z
-    fs[j], betas[j] = result.f, result.beta
-    info["newton_iters"] += result.newton_iters
-    info["cg_iters"] += result.cg_iters
-    info["unconverged"] += int(np.sum(~result.converged))
-  return np.stack(fs), np.stack(betas), info
+    fs[j], betas[j], zs[j] = result.f, result.beta, result.z
+    _accumulate(info, result)
+  return np.stack(fs), np.stack(betas), np.stack(zs), info
+
+
+def _accumulate(info: Dict, result: SolveResult):
+  info["newton_iters"] += result.newton_iters
+  info["cg_iters"] += result.cg_iters
+  info["unconverged"] += int(np.sum(~result.converged))
 
 
 def _class_weights(y: np.ndarray) -> np.ndarray:
@@ -298,7 +307,9 @@ def voc07_train(prepared: Prepared, train_targets, costs: Sequence[float] = svm.
 
   The k-fold split is sklearn's StratifiedKFold (what `cross_val_score(cv=3)` uses) and the CV
   score its `average_precision_score`, so only the solver differs from the reference. All
-  (class, fold) problems and the (class, all rows) problems are solved in one batch.
+  (class, fold) problems are solved in one batch along the cost path; then only the model the
+  protocol keeps, all rows at the chosen cost, is fit per class (warm-started from the mean of
+  its fold solutions: the same basis, nearly the same model).
 
   Args:
     prepared: `prepare(normalised trainval features)`.
@@ -314,32 +325,29 @@ def voc07_train(prepared: Prepared, train_targets, costs: Sequence[float] = svm.
   from sklearn.model_selection import StratifiedKFold  # pylint: disable=g-import-not-at-top
   n, num_classes = train_targets.shape
   labels = np.stack([svm.binary_labels(train_targets[:, c]) for c in range(num_classes)], 1)
-  held_out = []   # per problem column: rows whose decision values are scored (None = full fit)
-  ys, weights = [], []
+  weights = np.stack([_class_weights(labels[:, c]) for c in range(num_classes)], 1)
+  held_out, cv_y, cv_weight = [], [], []   # one entry per (class, fold) problem
   for c in range(num_classes):
-    folds = StratifiedKFold(n_splits=num_folds).split(np.zeros(n), labels[:, c])
-    for _, test_rows in folds:
+    for _, test_rows in StratifiedKFold(n_splits=num_folds).split(np.zeros(n), labels[:, c]):
       mask = np.ones(n, np.float32)
       mask[test_rows] = 0.0
       held_out.append((c, test_rows))
-      ys.append(labels[:, c])
-      weights.append(_class_weights(labels[:, c]) * mask)
-    held_out.append((c, None))
-    ys.append(labels[:, c])
-    weights.append(_class_weights(labels[:, c]))
-  f, beta, info = solve_path(prepared, np.stack(ys, 1), np.stack(weights, 1), costs, **options)
+      cv_y.append(labels[:, c])
+      cv_weight.append(weights[:, c] * mask)
+  f, _, z, info = solve_path(prepared, np.stack(cv_y, 1), np.stack(cv_weight, 1), costs,
+                             **options)
   cv_ap = np.zeros((num_classes, len(costs)))
-  full_column = {}
   for p, (c, rows) in enumerate(held_out):
-    if rows is None:
-      full_column[c] = p
-      continue
     for j in range(len(costs)):
       cv_ap[c, j] += average_precision_score(labels[rows, c] == 1, f[j, rows, p]) / num_folds
   chosen = np.argmax(cv_ap, axis=1)
-  w = np.stack([prepared.features.T.astype(np.float64) @ beta[chosen[c], :, full_column[c]]
-                for c in range(num_classes)])
-  return {"cv_ap": cv_ap, "chosen": chosen, "coef": w[:, :-1], "intercept": w[:, -1],
+  costs = np.asarray(costs, np.float32)
+  start = np.stack([z[chosen[c], :, c * num_folds:(c + 1) * num_folds].mean(axis=1)
+                    for c in range(num_classes)], 1)
+  final = solve(prepared, labels, weights * costs[chosen][None, :], start, **options)
+  _accumulate(info, final)
+  w = prepared.features.T.astype(np.float64) @ final.beta.astype(np.float64)   # [D + 1, C]
+  return {"cv_ap": cv_ap, "chosen": chosen, "coef": w[:-1].T, "intercept": w[-1],
           "info": info}
 
 
@@ -366,7 +374,7 @@ def lowshot_train(prepared: Prepared, samples, costs: Sequence[float] = svm.COST
   picked = samples[:, rows, :]                                      # [S, m, C]
   y = np.where(picked == 1, 1.0, -1.0).transpose(1, 0, 2).reshape(len(rows), -1)
   weight = (_class_weights(y) * (picked >= 0).transpose(1, 0, 2).reshape(len(rows), -1))
-  _, beta, _ = solve_path(target, y, weight, costs, **options)      # beta [J, m, S*C]
+  _, beta, _, _ = solve_path(target, y, weight, costs, **options)   # beta [J, m, S*C]
   w = np.einsum("md,jmp->jpd", target.features.astype(np.float64), beta)
   w = w.reshape(len(costs), num_samples, num_classes, -1).transpose(1, 0, 2, 3)
   return w[..., :-1], w[..., -1]
