@@ -213,3 +213,18 @@ def test_bad_input_raises():
   bank = bank_lib.init_memory(feats0, labels0, C)
   with pytest.raises(ValueError, match='min_cluster'):
     bank_lib.deal_with_small_clusters(bank, jax.random.key(0), 11)  # 64 < 6 * 11
+
+
+def test_disabled_repair_is_a_no_op_even_with_small_clusters():
+  feats0, labels0 = _initial_bank_arrays()
+  bank = bank_lib.init_memory(feats0, labels0, C)
+  assert bool(bank_lib.has_small_clusters(bank, 3))  # cluster 5 has 2 rows
+
+  @jax.jit
+  def repair(bank, enabled):
+    return bank_lib.deal_with_small_clusters(bank, jax.random.key(0), 3, enabled=enabled)
+
+  off, on = repair(bank, jnp.bool_(False)), repair(bank, jnp.bool_(True))
+  np.testing.assert_array_equal(off.labels, bank.labels)
+  np.testing.assert_array_equal(off.centroids, bank.centroids)
+  assert np.bincount(np.asarray(on.labels), minlength=C).min() >= 3

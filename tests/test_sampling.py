@@ -180,3 +180,18 @@ def test_bad_arguments_raise():
   with pytest.raises(ValueError, match='num_neg'):
     sampling.sample_negatives(jax.random.key(0), sim, labels, qlabels, num_neg=N + 1,
                               strategy='hard')
+
+
+def test_random_needs_no_similarities():
+  sim, labels, qlabels, _ = _bank()
+  sample = functools.partial(sampling.sample_negatives, labels=labels, query_labels=qlabels,
+                             num_neg=8, strategy='random')
+  with_sim, without = sample(jax.random.key(5), sim), sample(jax.random.key(5), None)
+  np.testing.assert_array_equal(with_sim[0], without[0])
+  np.testing.assert_array_equal(with_sim[1], without[1])
+  with pytest.raises(ValueError, match='needs the similarities'):
+    sampling.sample_negatives(jax.random.key(0), None, labels, qlabels, num_neg=8,
+                              strategy='semihard', pool_size=24)
+  with pytest.raises(ValueError, match='sim must be'):
+    sampling.sample_negatives(jax.random.key(0), sim[:, :10], labels, qlabels, num_neg=8,
+                              strategy='hard')

@@ -106,7 +106,8 @@ def sample_negatives(key, sim, labels, query_labels, *, num_neg, strategy,
 
   Args:
     key: PRNG key (unused by 'hard').
-    sim: [B, N] query-bank similarities from `bank_similarity` (treated as constants).
+    sim: [B, N] query-bank similarities from `bank_similarity` (treated as constants); may be
+      None for 'random', which never looks at similarities (saves the [B, N] matmul).
     labels: [N] int bank labels.
     query_labels: [B] int labels of the queries.
     num_neg: negatives per query (16,384 in the reference).
@@ -118,12 +119,17 @@ def sample_negatives(key, sim, labels, query_labels, *, num_neg, strategy,
   Returns:
     (indices [B, num_neg] int32, valid [B, num_neg] bool).
   """
-  batch, n = sim.shape
+  batch, n = query_labels.shape[0], labels.shape[0]
   if strategy not in STRATEGIES:
     raise ValueError(f'Unknown negative sampling strategy {strategy!r}; use one of {STRATEGIES}.')
   if not 1 <= num_neg <= n:
     raise ValueError(f'num_neg must be in [1, N={n}], got {num_neg}.')
-  sim = lax.stop_gradient(sim).astype(jnp.float32)
+  if sim is None and strategy != 'random':
+    raise ValueError(f'strategy {strategy!r} needs the similarities `sim`.')
+  if sim is not None:
+    if sim.shape != (batch, n):
+      raise ValueError(f'sim must be [B={batch}, N={n}], got {sim.shape}.')
+    sim = lax.stop_gradient(sim).astype(jnp.float32)
   query_labels = query_labels.astype(labels.dtype)
 
   if strategy == 'random':
