@@ -28,6 +28,10 @@ import warnings
 import numpy as np
 
 
+def _progress(msg):
+  print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
 def _time(fn, repeats=1):
   best, out = float("inf"), None
   for _ in range(repeats):
@@ -56,6 +60,7 @@ def bench_knn(args):
   from ssl_jax.eval import knn
   ks, temperature = (10, 20, 100, 200), 0.07
   x_train, y_train, x_test, y_test = knn_data(args.knn_train, args.knn_test, args.knn_dim)
+  _progress(f"kNN sweep {args.knn_train} x {args.knn_test} x {args.knn_dim}")
   compile_s, _ = _time(lambda: knn.knn_sweep(x_train, y_train, x_test, 10, ks, temperature))
   ours_s, ranked = _time(lambda: knn.knn_sweep(x_train, y_train, x_test, 10, ks, temperature),
                          repeats=3)
@@ -121,10 +126,13 @@ def serial_reference(train_x, train_t, test_x, test_t, classes, costs):
 def bench_svm(args):
   from ssl_jax.eval import svm
   (train_x, train_t), (test_x, test_t) = voc_like(args.svm_train, args.svm_test, args.svm_dim)
+  _progress("VOC07 SVM: batched JAX solver, 20 classes")
   ours_s, ours = _time(lambda: svm.voc07_svm(train_x, train_t, test_x, test_t, solver="jax"))
+  _progress(f"  {ours_s:.1f}s, mAP {100 * ours['map']:.2f}")
   classes = list(range(min(args.ref_classes, train_t.shape[1])))
   out = {"svm_train": args.svm_train, "svm_test": args.svm_test, "svm_dim": args.svm_dim,
          "svm_jax_s": ours_s, "svm_jax_map": ours["map"], "svm_ref_classes": len(classes)}
+  _progress(f"VOC07 SVM: serial sklearn reference, {len(classes)} classes")
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     ref_s, ref_map = _time(lambda: serial_reference(train_x, train_t, test_x, test_t, classes,

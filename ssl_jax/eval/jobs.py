@@ -85,7 +85,7 @@ def run_knn(config, workdir: str) -> Dict:
 # ------------------------------------------------------------------------------------------------
 # Linear probes.
 # ------------------------------------------------------------------------------------------------
-def _probe(config, workdir, taps, channels_for_bn: bool, view_kwargs) -> Tuple[Dict, object]:
+def _probe(config, taps, channels_for_bn: bool, view_kwargs) -> Tuple[Dict, object]:
   """Shared body of the SwAV-setting and the multi-head linear jobs."""
   start, mesh = time.time(), sharding.make_mesh()
   pretrained = _load(config)
@@ -139,7 +139,7 @@ def _probe(config, workdir, taps, channels_for_bn: bool, view_kwargs) -> Tuple[D
 
 
 def run_linear(config, workdir: str) -> Dict:
-  result, (pretrained, start) = _probe(config, workdir, ("pooled",), False, {})
+  result, (pretrained, start) = _probe(config, ("pooled",), False, {})
   metrics = {"linear_top1": result["top1/pooled"], "linear_top5": result["top5/pooled"],
              "linear_top1_best": result["best_top1/pooled"], "linear_loss": result["loss"]}
   metrics.update(_base_metrics(config, pretrained, start))
@@ -151,7 +151,7 @@ def run_linear_mhead(config, workdir: str) -> Dict:
   taps = tuple(config.get("taps", features.TAPS))
   view_kwargs = {"jitter": tuple(config.get("jitter", (0.4, 0.4, 0.4, 0.0))),
                  "lighting_std": config.get("lighting_std", 0.1)}
-  result, (pretrained, start) = _probe(config, workdir, taps, True, view_kwargs)
+  result, (pretrained, start) = _probe(config, taps, True, view_kwargs)
   metrics = {"linear_loss": result["loss"]}
   for tap in taps:
     metrics[f"linear_top1@{tap}"] = result[f"top1/{tap}"]
