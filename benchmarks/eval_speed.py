@@ -176,8 +176,8 @@ def main():
   if not args.skip_svm:
     result.update(bench_svm(args))
   print(f"{'benchmark':<34}{'ssl_jax':>12}{'sklearn':>12}{'speedup':>10}")
-  print(f"{'kNN sweep ' + str(args.knn_train // 1000) + 'k x ' + str(args.knn_test // 1000) + 'k x ' + str(args.knn_dim) + ' (4 k)':<34}"
-        f"{result['knn_ours_s']:>11.2f}s{result['knn_sklearn_s']:>11.2f}s"
+  name = f"kNN sweep {args.knn_train // 1000}k x {args.knn_test // 1000}k x {args.knn_dim} (4 k)"
+  print(f"{name:<34}{result['knn_ours_s']:>11.2f}s{result['knn_sklearn_s']:>11.2f}s"
         f"{result['knn_speedup']:>9.1f}x   top-1 mismatches {result['knn_top1_mismatches']}")
   if not args.skip_svm:
     ref = f"{result['svm_ref_s']:>10.0f}s" + ("*" if result["svm_ref_extrapolated"] else " ")

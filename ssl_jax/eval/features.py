@@ -35,7 +35,7 @@ POOLINGS = ("specified", "adaptive")
 
 
 def _adaptive_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """[out, in] averaging matrix of PyTorch's adaptive pooling bins [floor(i n/o), ceil((i+1) n/o))."""
+  """[out, in] averaging matrix of PyTorch's adaptive bins [floor(i n/o), ceil((i+1) n/o))."""
   m = np.zeros((out_size, in_size), np.float32)
   for i in range(out_size):
     start = (i * in_size) // out_size

@@ -89,17 +89,26 @@ class VocSource(sources.Source):
     self.num_threads = sources.default_num_threads() if num_threads is None else int(num_threads)
     if len(self._ds) == 0:
       raise ValueError(f"{self.name}: the split is empty.")
-    raws = self._ds.__getitems__(list(range(len(self._ds))))
+    raws = self._read_raw(list(range(len(self._ds))))
     self.targets = label_matrix([r["labels"] for r in raws],
                                 [r["labels_no_difficult"] for r in raws], self.num_classes)
 
   def __len__(self) -> int:
     return len(self._ds)
 
+  def _read_raw(self, keys: list[int]) -> list[dict]:
+    try:
+      return self._ds.__getitems__(keys)  # one batched array_record read
+    except TypeError:
+      # tfds.testing.mock_data's stand-in source lacks a working __getitems__.
+      return [self._ds[k] for k in keys]
+
   def _to_record(self, raw: dict, i: int) -> dict[str, Any]:
-    encoded = raw["image"]
-    with Image.open(io.BytesIO(bytes(encoded))) as pil:
-      image = np.asarray(pil.convert("RGB"), np.uint8)
+    image = raw["image"]
+    if isinstance(image, (bytes, np.bytes_)) or getattr(image, "dtype", None) == object:
+      with Image.open(io.BytesIO(bytes(image))) as pil:  # encoded (SkipDecoding)
+        image = np.asarray(pil.convert("RGB"), np.uint8)
+    image = np.asarray(image, np.uint8)
     return {"image": squash_resize(image, self.image_size, self.short_side), "label": 0,
             "index": i}
 
@@ -111,7 +120,7 @@ class VocSource(sources.Source):
 
   def _read_records(self, indices: np.ndarray) -> list[dict[str, Any]]:
     keys = [int(i) for i in indices]
-    return [self._to_record(r, k) for r, k in zip(self._ds.__getitems__(keys), keys)]
+    return [self._to_record(r, k) for r, k in zip(self._read_raw(keys), keys)]
 
 
 def one_hot_targets(labels: np.ndarray, num_classes: int) -> np.ndarray:
