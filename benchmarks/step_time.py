@@ -1,7 +1,7 @@
 r"""Train-step throughput of each method against a supervised step on the same backbone and batch.
 
   python benchmarks/step_time.py [--config=configs/mocov2.py:cifar10_cpu] [--batch=128]
-      [--steps=5] [--methods=supervised,mocov2,swav,interclr]
+      [--steps=5] [--methods=supervised,mocov2,swav,swav_2crop,interclr]
 
 Every row runs the real trainer step (`trainer.make_train_step`: on-device augmentation, forward,
 backward, optimiser, method state update) on a fixed synthetic uint8 batch already on device, so
@@ -20,7 +20,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
@@ -29,8 +28,13 @@ from ssl_jax.data import views  # noqa: E402
 from ssl_jax.methods import base, get_method  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHOD_CONFIGS = {'mocov2': 'configs/mocov2.py:cifar10_cpu', 'swav': 'configs/swav.py:cifar10_cpu',
-                  'interclr': 'configs/interclr.py:cifar10_cpu'}
+# row name -> (method, config whose method settings and views are timed). `swav` is the
+# multi-crop recipe (2 x 32 + 6 x 16 px, configs/swav.py:cifar10); `swav_2crop` the two-crop
+# recipe of the CPU quality run.
+METHOD_CONFIGS = {'mocov2': ('mocov2', 'configs/mocov2.py:cifar10_cpu'),
+                  'swav': ('swav', 'configs/swav.py:cifar10'),
+                  'swav_2crop': ('swav', 'configs/swav.py:cifar10_cpu'),
+                  'interclr': ('interclr', 'configs/interclr.py:cifar10_cpu')}
 
 
 class Classifier(nn.Module):
@@ -85,7 +89,7 @@ def main():
   parser.add_argument('--config', default='configs/mocov2.py:cifar10_cpu')
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--steps', type=int, default=5)
-  parser.add_argument('--methods', default='supervised,mocov2,swav,interclr')
+  parser.add_argument('--methods', default='supervised,mocov2,swav,swav_2crop,interclr')
   parser.add_argument('--interclr_bank', type=int, default=50_000)
   args = parser.parse_args()
   base_cfg = config_utils.load_config_file(os.path.join(REPO, args.config))
@@ -102,11 +106,12 @@ def main():
       config, method = base_cfg.copy_and_resolve_references(), supervised_method()
       config.augment = views.mocov2_config(size=size, small_image=size <= 64)
     else:
-      spec = os.path.join(REPO, METHOD_CONFIGS[name])
-      if not os.path.exists(spec.split(':')[0]):
-        print(f'skipping {name}: {METHOD_CONFIGS[name]} not found')
-        continue
-      config, method = config_utils.load_config_file(spec), get_method(name)
+      if name not in METHOD_CONFIGS:
+        parser.error(f'--methods: unknown {name!r}; choose from supervised, '
+                     f"{', '.join(METHOD_CONFIGS)}")
+      method_name, spec = METHOD_CONFIGS[name]
+      config = config_utils.load_config_file(os.path.join(REPO, spec))
+      method = get_method(method_name)
     config.model = base_cfg.model
     config.batch_size = args.batch
     config.num_steps = 1000

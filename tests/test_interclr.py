@@ -18,30 +18,20 @@ import numpy as np
 import pytest
 from sklearn.cluster import KMeans
 
-from ssl_jax import optim, sharding, trainer
-from ssl_jax.data import sources, views
+from ssl_jax import sharding, trainer
+from ssl_jax.data import sources
 from ssl_jax.methods import get_method, interclr
 from ssl_jax.ops import bank as bank_lib
 
-from trainer_utils import REPO, assert_trees_equal, read_state, tiny_config
+from trainer_utils import REPO, assert_trees_equal, build_trainer, read_state, tiny_config
 
 
 # ------------------------------------------------------------------------------------------------
 # Helpers.
 # ------------------------------------------------------------------------------------------------
 def _build(config, devices):
-  mesh = sharding.make_mesh(devices)
-  method = get_method(config.method)
-  source = sources.get_source(config.data, 'train')
-  schedule = optim.lr_schedule(config.optimizer, 10, 10)
-  tx = optim.make_optimizer(config.optimizer, schedule)
-  model = method.create_model(config)
-  view_fn = views.build_view_fn(config.augment)
-  state, shardings = trainer.create_train_state(config, method, model, tx, view_fn,
-                                                source.image_shape, len(source), mesh)
-  step = trainer.make_train_step(config, method, model, tx, view_fn, schedule, mesh, shardings)
-  ctx = trainer.Context(config, model, mesh, source, views.eval_view_fn(config.augment))
-  return mesh, method, source, state, step, ctx
+  mesh, source, state, step, ctx = build_trainer(config, devices)
+  return mesh, get_method(config.method), source, state, step, ctx
 
 
 def _batch(source, indices, mesh):

@@ -1,7 +1,6 @@
 """Linear probe heads, training on cached features (1 vs 8 devices), augmented views."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest

@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssl_jax import config_utils, optim, sharding, trainer
-from ssl_jax.data import pipeline, sources, views
+from ssl_jax import config_utils, trainer
+from ssl_jax.data import pipeline, views
 from ssl_jax.methods import get_method, swav
 
-from trainer_utils import REPO, assert_trees_equal, tiny_config
+from trainer_utils import REPO, assert_trees_equal, build_trainer, tiny_config
 
 
 def _np_sinkhorn(scores, epsilon=0.05, num_iters=3):
@@ -221,16 +221,7 @@ _STEP_CONFIG = {'swav.queue_length': 32, 'swav.queue_start_epoch': 0.0,
 def _run_steps(num_devices, num_steps=3):
   """Initial state and the (state, metrics) after each of `num_steps` real train steps."""
   config = _swav_config(**_STEP_CONFIG)
-  mesh = sharding.make_mesh(jax.devices()[:num_devices])
-  method = get_method('swav')
-  source = sources.get_source(config.data, 'train')
-  schedule = optim.lr_schedule(config.optimizer, 10, 10)
-  tx = optim.make_optimizer(config.optimizer, schedule)
-  model = method.create_model(config)
-  view_fn = views.build_view_fn(config.augment)
-  state, shardings = trainer.create_train_state(config, method, model, tx, view_fn,
-                                                source.image_shape, len(source), mesh)
-  step = trainer.make_train_step(config, method, model, tx, view_fn, schedule, mesh, shardings)
+  mesh, source, state, step, _ = build_trainer(config, jax.devices()[:num_devices])
   data = pipeline.TrainIterator(source, global_batch_size=config.batch_size, seed=0, mesh=mesh)
   history = [(jax.device_get(state), None)]
   for _ in range(num_steps):

@@ -12,24 +12,14 @@ import jax
 import numpy as np
 import pytest
 
-from ssl_jax import checkpointing, optim, sharding, trainer
-from ssl_jax.data import pipeline, sources, views
-from ssl_jax.methods import get_method
+from ssl_jax import trainer
+from ssl_jax.data import pipeline
 
-from trainer_utils import REPO, assert_trees_equal, read_state, tiny_config
+from trainer_utils import REPO, assert_trees_equal, build_trainer, read_state, tiny_config
 
 
 def _one_step(config, devices):
-  mesh = sharding.make_mesh(devices)
-  method = get_method(config.method)
-  source = sources.get_source(config.data, 'train')
-  schedule = optim.lr_schedule(config.optimizer, 10, 10)
-  tx = optim.make_optimizer(config.optimizer, schedule)
-  model = method.create_model(config)
-  view_fn = views.build_view_fn(config.augment)
-  state, shardings = trainer.create_train_state(config, method, model, tx, view_fn,
-                                                source.image_shape, len(source), mesh)
-  step = trainer.make_train_step(config, method, model, tx, view_fn, schedule, mesh, shardings)
+  mesh, source, state, step, _ = build_trainer(config, devices)
   batch = next(pipeline.TrainIterator(source, global_batch_size=config.batch_size, seed=0,
                                       mesh=mesh))
   state, metrics = step(state, batch)

@@ -24,7 +24,7 @@ Problems whose gradient is below `tol` relative to ||w|| stop; the batch runs un
 """
 import dataclasses
 import functools
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
