@@ -80,7 +80,34 @@ def open_data_source(tfds_name: str, split: str, data_dir: str | None = None):
   raise error
 
 
-class TfdsSource(Source):
+class DataSourceRecords(Source):
+  """A Source over a `tfds.data_source` in `self._ds`; subclasses define `_to_record(raw, i)`."""
+
+  def __len__(self) -> int:
+    return len(self._ds)
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    i = int(i)
+    if not 0 <= i < len(self):
+      raise IndexError(f"{self.name}: index {i} out of range [0, {len(self)}).")
+    return self._to_record(self._ds[i], i)
+
+  def _to_record(self, raw: dict, i: int) -> dict[str, Any]:
+    raise NotImplementedError
+
+  def _read_raw(self, keys: list[int]) -> list[dict]:
+    try:
+      return self._ds.__getitems__(keys)  # One batched array_record read.
+    except TypeError:
+      # tfds.testing.mock_data's stand-in source lacks a working __getitems__.
+      return [self._ds[k] for k in keys]
+
+  def _read_records(self, indices: np.ndarray) -> list[dict[str, Any]]:
+    keys = [int(i) for i in indices]
+    return [self._to_record(r, k) for r, k in zip(self._read_raw(keys), keys)]
+
+
+class TfdsSource(DataSourceRecords):
   """One split of a TFDS dataset, decoded on the host (PIL when TF is absent).
 
   Images with one channel (e.g. mnist) are replicated to RGB. With `image_size` set, images
@@ -118,9 +145,6 @@ class TfdsSource(Source):
                          "data.image_size so they are resized on the host.")
       self.image_shape = (int(shape[0]), int(shape[1]), 3)
 
-  def __len__(self) -> int:
-    return len(self._ds)
-
   def _to_record(self, raw: dict, i: int) -> dict[str, Any]:
     image = np.asarray(raw[self.image_key])
     if image.ndim == 2:
@@ -138,18 +162,3 @@ class TfdsSource(Source):
       raise ValueError(f"{self.name}: record {i} has label {label} outside "
                        f"[0, {self.num_classes}).")
     return {"image": image, "label": label, "index": i}
-
-  def __getitem__(self, i: int) -> dict[str, Any]:
-    i = int(i)
-    if not 0 <= i < len(self):
-      raise IndexError(f"{self.name}: index {i} out of range [0, {len(self)}).")
-    return self._to_record(self._ds[i], i)
-
-  def _read_records(self, indices: np.ndarray) -> list[dict[str, Any]]:
-    keys = [int(i) for i in indices]
-    try:
-      raws = self._ds.__getitems__(keys)  # One batched array_record read, then decode.
-    except TypeError:
-      # tfds.testing.mock_data's stand-in source lacks a working __getitems__.
-      raws = [self._ds[k] for k in keys]
-    return [self._to_record(r, k) for r, k in zip(raws, keys)]

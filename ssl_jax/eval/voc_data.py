@@ -59,7 +59,7 @@ def squash_resize(image: np.ndarray, size: int = 224, short_side: int = 256) -> 
   return np.asarray(pil, np.uint8)
 
 
-class VocSource(sources.Source):
+class VocSource(tfds_source.DataSourceRecords):
   """One VOC split: records {"image": uint8 [size, size, 3], "label": 0, "index": i}.
 
   The multi-label targets are `self.targets` (int32 [N, 20], index order); the per-record
@@ -93,16 +93,6 @@ class VocSource(sources.Source):
     self.targets = label_matrix([r["labels"] for r in raws],
                                 [r["labels_no_difficult"] for r in raws], self.num_classes)
 
-  def __len__(self) -> int:
-    return len(self._ds)
-
-  def _read_raw(self, keys: list[int]) -> list[dict]:
-    try:
-      return self._ds.__getitems__(keys)  # one batched array_record read
-    except TypeError:
-      # tfds.testing.mock_data's stand-in source lacks a working __getitems__.
-      return [self._ds[k] for k in keys]
-
   def _to_record(self, raw: dict, i: int) -> dict[str, Any]:
     image = raw["image"]
     if isinstance(image, (bytes, np.bytes_)) or getattr(image, "dtype", None) == object:
@@ -111,16 +101,6 @@ class VocSource(sources.Source):
     image = np.asarray(image, np.uint8)
     return {"image": squash_resize(image, self.image_size, self.short_side), "label": 0,
             "index": i}
-
-  def __getitem__(self, i: int) -> dict[str, Any]:
-    i = int(i)
-    if not 0 <= i < len(self):
-      raise IndexError(f"{self.name}: index {i} out of range [0, {len(self)}).")
-    return self._to_record(self._ds[i], i)
-
-  def _read_records(self, indices: np.ndarray) -> list[dict[str, Any]]:
-    keys = [int(i) for i in indices]
-    return [self._to_record(r, k) for r, k in zip(self._read_raw(keys), keys)]
 
 
 def one_hot_targets(labels: np.ndarray, num_classes: int) -> np.ndarray:
