@@ -127,23 +127,16 @@ class Context:
 
     Returns (features [N, C] float32 numpy, labels [N] int32 numpy).
     """
+    from ssl_jax.eval import features  # pylint: disable=g-import-not-at-top
     source = self.train_source if source is None else source
     if output not in self._fns:
       def fn(variables, images):
-        return self.model.apply(variables, self.eval_view(images), train=False)[output]
+        return {output: self.model.apply(variables, self.eval_view(images), train=False)[output]}
       self._fns[output] = jax.jit(fn, out_shardings=sharding.batch_sharded(self.mesh))
-    fn = self._fns[output]
-    variables = {'params': params, 'batch_stats': batch_stats}
-    feats, labels, index = [], [], []
-    batch = self.config.get('eval_batch_size', self.config.batch_size)
-    for b in pipeline.eval_batches(source, batch, mesh=self.mesh):
-      mask = np.asarray(b['mask'])
-      feats.append(np.asarray(fn(variables, b['image']))[mask])
-      labels.append(np.asarray(b['label'])[mask])
-      index.append(np.asarray(b['index'])[mask])
-    order = np.argsort(np.concatenate(index), kind='stable')
-    return (np.concatenate(feats).astype(np.float32)[order],
-            np.concatenate(labels).astype(np.int32)[order])
+    feats, labels = features.extract_in_index_order(
+        self._fns[output], {'params': params, 'batch_stats': batch_stats}, source,
+        self.config.get('eval_batch_size', self.config.batch_size), self.mesh)
+    return feats[output].astype(np.float32), labels
 
 
 def knn_eval(ctx, state, eval_source, knn_cfg):

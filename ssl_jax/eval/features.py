@@ -103,6 +103,28 @@ def normalize_view(mean=augment.IMAGENET_MEAN, std=augment.IMAGENET_STD) -> Call
   return lambda images: augment.normalize(images.astype(jnp.float32) / 255.0, mean, std)
 
 
+def extract_in_index_order(fn: Callable, variables, source, batch_size: int,
+                           mesh: jax.sharding.Mesh) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
+  """Runs `fn(variables, images) -> {name: [B, ...]}` over every example of `source`.
+
+  Batches come from `pipeline.eval_batches` (padded to the global batch, sharded over `mesh`);
+  the padding rows are dropped and the results put back in the source's index order.
+  Returns ({name: numpy [N, ...]}, labels int32 [N]).
+  """
+  variables = jax.device_put(variables, sharding.replicated(mesh))
+  feats, labels, index = {}, [], []
+  for batch in pipeline.eval_batches(source, batch_size, mesh=mesh):
+    out = fn(variables, batch["image"])
+    mask = np.asarray(batch["mask"])
+    for name, x in out.items():
+      feats.setdefault(name, []).append(np.asarray(x)[mask])
+    labels.append(np.asarray(batch["label"])[mask])
+    index.append(np.asarray(batch["index"])[mask])
+  order = np.argsort(np.concatenate(index), kind="stable")
+  feats = {name: np.concatenate(v)[order] for name, v in feats.items()}
+  return feats, np.concatenate(labels)[order].astype(np.int32)
+
+
 class Extractor:
   """Sharded, jitted feature extraction for one (backbone, view, taps, pooling); reusable across
   sources with the same image shape without recompiling."""
@@ -122,23 +144,13 @@ class Extractor:
                check_finite: bool = True) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
     """Features of every example of `source` in index order; see `extract`."""
     sharding.check_batch_size(batch_size, self.mesh, "eval batch_size")
-    variables = jax.device_put(variables, sharding.replicated(self.mesh))
-    feats, labels, index = {name: [] for name in self.taps}, [], []
-    for batch in pipeline.eval_batches(source, batch_size, mesh=self.mesh):
-      out = self._fn(variables, batch["image"])
-      mask = np.asarray(batch["mask"])
-      for name in self.taps:
-        feats[name].append(np.asarray(out[name])[mask])
-      labels.append(np.asarray(batch["label"])[mask])
-      index.append(np.asarray(batch["index"])[mask])
-    order = np.argsort(np.concatenate(index), kind="stable")
-    feats = {name: np.concatenate(v)[order] for name, v in feats.items()}
+    feats, labels = extract_in_index_order(self._fn, variables, source, batch_size, self.mesh)
     if check_finite:
       for name, x in feats.items():
         if not np.all(np.isfinite(x)):
           raise ValueError(f"Features {name!r} of {getattr(source, 'name', 'source')} contain "
                            "NaN or inf: the checkpoint has diverged or the inputs are broken.")
-    return feats, np.concatenate(labels)[order].astype(np.int32)
+    return feats, labels
 
 
 def extract(backbone: nn.Module, variables, source, *, view_fn: Callable,
