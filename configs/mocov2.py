@@ -106,7 +106,4 @@ VARIANTS = {'default': _imagenet, 'imagenet': _imagenet, 'cifar10': _cifar10,
 
 
 def get_config(arg=None):
-  variant = cu.parse_variant(arg, VARIANTS)
-  c = cu.base('mocov2')
-  c.variant = variant
-  return VARIANTS[variant](c)
+  return cu.build('mocov2', VARIANTS, arg)

@@ -168,7 +168,4 @@ VARIANTS = {'default': _imagenet, 'imagenet': _imagenet, 'cifar10': _cifar10,
 
 
 def get_config(arg=None):
-  variant = cu.parse_variant(arg, VARIANTS)
-  c = cu.base('swav')
-  c.variant = variant
-  return VARIANTS[variant](c)
+  return cu.build('swav', VARIANTS, arg)

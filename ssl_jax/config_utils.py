@@ -10,6 +10,14 @@ def parse_variant(arg, variants):
   return name
 
 
+def build(method, variants, arg):
+  """A pretraining config: `base(method)` passed through the variant named by `arg`."""
+  variant = parse_variant(arg, variants)
+  c = base(method)
+  c.variant = variant
+  return variants[variant](c)
+
+
 def data(name='digits', image_size=32, **kw):
   fields = dict(name=name, path='', tfds_name='', data_dir=ml_collections.FieldReference(None, str),
                 image_size=image_size, train_split='train', eval_split='test',
@@ -71,6 +79,15 @@ def load_config_file(spec):
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg) if arg else module.get_config()
+
+
+def set_path(config, key, value):
+  """config.a.b = value for key 'a.b' (scripts' and tests' overrides of nested fields)."""
+  *parents, leaf = key.split('.')
+  node = config
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
 
 
 def check_overrides(argv):

@@ -41,8 +41,12 @@ def cifar10_data():
   return tfds_data('cifar10', 32)
 
 
-def digits_data():
-  return cu.data('digits', image_size=32)
+def use_digits(c):
+  """Smoke variants: scikit-learn digits at 32 px (offline), small batches."""
+  c.data = cu.data('digits', image_size=32)
+  c.image_size = 32
+  c.batch_size = 64
+  return c
 
 
 def voc_data():

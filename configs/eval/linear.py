@@ -40,9 +40,7 @@ def _cifar10():
 
 def _smoke():
   c = _imagenet()
-  c.data = common.digits_data()
-  c.image_size = 32
-  c.batch_size = 64
+  common.use_digits(c)
   c.epochs = 3
   c.augment = False
   return c

@@ -38,9 +38,7 @@ def _imagenet():
 
 def _smoke():
   c = _imagenet()
-  c.data = common.digits_data()
-  c.image_size = 32
-  c.batch_size = 64
+  common.use_digits(c)
   c.pooling = 'adaptive'
   c.epochs = 2
   c.augment = False

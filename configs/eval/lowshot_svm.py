@@ -32,9 +32,7 @@ def _voc():
 
 def _smoke():
   c = _voc()
-  c.data = common.digits_data()
-  c.image_size = 32
-  c.batch_size = 64
+  common.use_digits(c)
   c.pooling = 'adaptive'
   c.ks = (1, 2)
   c.num_samples = 2

@@ -38,9 +38,7 @@ def _voc():
 
 def _smoke():
   c = _voc()
-  c.data = common.digits_data()
-  c.image_size = 32
-  c.batch_size = 64
+  common.use_digits(c)
   c.pooling = 'adaptive'
   return c
 
