@@ -10,6 +10,8 @@ last line, the figures as one JSON object (`knn_top1`, `knn_top1_random_init`, `
 `pretrain_seconds`, ...).
 """
 import argparse
+import ast
+import functools
 import json
 import os
 import sys
@@ -50,11 +52,8 @@ def main():
   config.data.path = os.path.abspath(args.data)
   for item in args.override:
     key, value = item.split('=', 1)
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = type(node[leaf])(eval(value))  # pylint: disable=eval-used
+    old = functools.reduce(lambda node, part: node[part], key.split('.'), config)
+    config_utils.set_path(config, key, type(old)(ast.literal_eval(value)))
   workdir = args.workdir or tempfile.mkdtemp(prefix='quality_')
   mesh = sharding.make_mesh()
   k = config.knn.get('k', 20)

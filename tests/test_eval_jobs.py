@@ -24,11 +24,7 @@ def eval_config(job, **overrides):
   c.data.image_size = 16
   c.image_size = 16
   for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+    cu.set_path(c, key, value)
   return c
 
 

@@ -24,11 +24,7 @@ def tiny_config(name='mocov2', variant='smoke', **overrides):
   if 'moco' in c:
     c.moco.queue_size = 64
   for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+    config_utils.set_path(c, key, value)
   return c
 
 
