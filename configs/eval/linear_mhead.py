@@ -15,6 +15,10 @@ Variants (`--config=configs/eval/linear_mhead.py:VARIANT`):
   Validation features are cached on the host: 50k x 44k floats ~ 9 GB.
   Reference (InterCLR-MoCo v2 200 ep): 15.59 / 35.10 / 47.36 / 62.86 / 68.04.
 * `smoke`: digits with adaptive pooling (the fixed kernels need 224 px), 2 cached epochs.
+    python -m ssl_jax.main --config=configs/eval/linear_mhead.py:smoke \
+        --config.pretrained=/tmp/ssl_jax_quickstart --workdir=/tmp/linear_mhead_smoke
+  Measured 2026-11-24 on a 2-core CPU against the quickstart's MoCo v2 smoke workdir:
+  7.7 s wall; linear_top1@feature1..5 0.947 / 0.903 / 0.911 / 0.925 / 0.861.
 """
 from ssl_jax import config_utils as cu
 

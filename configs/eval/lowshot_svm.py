@@ -10,7 +10,11 @@ Variants (`--config=configs/eval/lowshot_svm.py:VARIANT`):
   Hardware: 1 accelerator; 8 k x 5 samples x 19 costs x 20 classes = 15 200 SVMs (minutes
   with solver=jax on a GPU). Reference (InterCLR-MoCo v2): 45.08 / 59.25 / 65.99 / 74.31 /
   77.95 / 80.68 / 82.7 / 83.49.
-* `smoke`: digits, k in {1, 2}, 2 samples, seconds on a CPU.
+* `smoke`: digits, k in {1, 2}, 2 samples.
+    python -m ssl_jax.main --config=configs/eval/lowshot_svm.py:smoke \
+        --config.pretrained=/tmp/ssl_jax_quickstart --workdir=/tmp/lowshot_svm_smoke
+  Measured 2026-11-24 on a 2-core CPU against the quickstart's MoCo v2 smoke workdir:
+  9.5 s wall; lowshot_map@1 0.520, lowshot_map@2 0.565.
 """
 from ssl_jax import config_utils as cu
 from ssl_jax.eval import svm

@@ -18,7 +18,11 @@ Variants (`--config=configs/eval/svm_voc07.py:VARIANT`):
   Hardware: 1 accelerator for ~10k R50 forwards (~1 min), then the SVMs (~1-2 min with the
   jax solver on a GPU; hours with solver=sklearn on a few cores).
   Reference: InterCLR-MoCo v2 200 ep feature5 85.24; MoCo v2 ~84.
-* `smoke`: digits (one-vs-rest targets), adaptive pooling, seconds on a CPU.
+* `smoke`: digits (one-vs-rest targets), adaptive pooling.
+    python -m ssl_jax.main --config=configs/eval/svm_voc07.py:smoke \
+        --config.pretrained=/tmp/ssl_jax_quickstart --workdir=/tmp/svm_voc07_smoke
+  Measured 2026-11-24 on a 2-core CPU against the quickstart's MoCo v2 smoke workdir:
+  9.3 s wall; voc07_map 0.957 (10 digit classes).
 """
 from ssl_jax import config_utils as cu
 from ssl_jax.eval import svm
