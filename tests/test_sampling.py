@@ -195,3 +195,33 @@ def test_random_needs_no_similarities():
   with pytest.raises(ValueError, match='sim must be'):
     sampling.sample_negatives(jax.random.key(0), sim[:, :10], labels, qlabels, num_neg=8,
                               strategy='hard')
+
+
+@pytest.mark.parametrize('max_label', [79, 3_000_000])
+def test_label_order_is_stable_argsort(max_label):
+  # 79: the packed single-key sort (label * N + index fits in int32); 3e6 * 1000 does not,
+  # so the (label, index) pair sort runs. Both must give numpy's stable argsort.
+  rng = np.random.default_rng(3)
+  labels = rng.integers(0, 80, 1000).astype(np.int32)
+  labels[rng.integers(0, 1000, 5)] = max_label
+  order = jax.jit(sampling._label_order)(jnp.asarray(labels))
+  np.testing.assert_array_equal(np.asarray(order), np.argsort(labels, kind='stable'))
+
+
+def test_semihard_pool_on_a_bank_large_enough_for_the_pruned_top_k():
+  # N = 20,000, pool 500: on CPU the pool comes from topk.pruned_top_k; every draw must still
+  # lie in the exact top-500 and differ in label from the query.
+  rng = np.random.default_rng(4)
+  n, pool_size, num_neg = 20_000, 500, 64
+  labels = rng.integers(0, 40, n).astype(np.int32)
+  sim = rng.uniform(-1, 1, size=(B, n)).astype(np.float32)
+  qlabels = labels[:B]
+  neg, valid = sampling.sample_negatives(jax.random.key(2), jnp.asarray(sim), jnp.asarray(labels),
+                                         jnp.asarray(qlabels), num_neg=num_neg,
+                                         strategy='semihard', pool_size=pool_size)
+  neg, valid = np.asarray(neg), np.asarray(valid)
+  assert valid.all()
+  for i in range(B):
+    pool = set(np.argsort(-sim[i], kind='stable')[:pool_size])
+    assert set(neg[i]) <= pool and len(set(neg[i])) == num_neg
+    assert np.all(labels[neg[i]] != qlabels[i])

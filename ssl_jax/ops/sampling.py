@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ssl_jax.ops import topk
+
 STRATEGIES = ('random', 'hard', 'semihard', 'semieasy')
 # Recall asked of lax.approx_max_k when approx=True (its TPU implementation trades exactness
 # of the 128,000-entry pool for speed; spec §1.12).
@@ -38,13 +40,28 @@ def bank_similarity(qn, bank_features):
   return jnp.dot(qn, bank_features.astype(jnp.float32).T, precision=lax.Precision.HIGHEST)
 
 
+def _label_order(labels):
+  """argsort(labels, stable=True), with a 5x cheaper single-key sort where it is exact.
+
+  XLA:CPU sorts a (label, index) pair 5x slower than one int32 (9.7 vs 1.9 ms for 50,000
+  labels): when label * N + index fits in int32 (N x clusters < 2^31, e.g. 50,000 x 80) the
+  packed key sorts to the same order; otherwise (ImageNet: 1.28M x 10,000) the pair is sorted.
+  """
+  n = labels.shape[0]
+  labels = labels.astype(jnp.int32)
+  index = jnp.arange(n, dtype=jnp.int32)
+  fits = (jnp.min(labels) >= 0) & (jnp.max(labels) <= (2**31 - n) // n)
+  packed = lambda: jnp.sort(jnp.where(fits, labels, 0) * n + index) % n
+  return lax.cond(fits, packed, lambda: jnp.argsort(labels, stable=True).astype(jnp.int32))
+
+
 def _cluster_ranges(labels, query_labels):
   """Bank order sorted by label and each query label's [start, start + count) range in it.
 
   This is the vectorised form of the reference's per-cluster index lists (spec §1.12):
   `order = argsort(labels)`; the members of cluster l are order[start_l : start_l + count_l].
   """
-  order = jnp.argsort(labels, stable=True)
+  order = _label_order(labels)
   sorted_labels = labels[order]
   start = jnp.searchsorted(sorted_labels, query_labels, side='left')
   end = jnp.searchsorted(sorted_labels, query_labels, side='right')
@@ -74,7 +91,7 @@ def sample_positives(key, labels, query_labels):
 def _top_k(x, k, approx):
   if approx:
     return lax.approx_max_k(x, k, recall_target=_APPROX_RECALL)
-  return lax.top_k(x, k)
+  return topk.top_k(x, k)  # exact; lax.top_k's result, faster on XLA:CPU
 
 
 @functools.partial(jax.jit,
