@@ -10,7 +10,7 @@ over --steps after one warm-up call):
   similarity       qn @ bank^T, [B, N] f32 at full precision
   pool + draw      top-P pool of every row, then neg_num uniform draws without replacement
                    outside the query's cluster (sample_negatives)
-  positives        argsort of the N labels + one uniform member of each query's cluster
+  positives        label-sorted bank order + one uniform member of each query's cluster
   gather + logits  bank[neg_idx] ([B, neg_num, D]) and the [B, neg_num] negative logits
   write + relabel  the B key rows written into the bank, relabelled by nearest centroid (§1.8 A)
   small clusters   the per-step check for clusters below min_cluster when none is (§1.8 C)
@@ -31,19 +31,27 @@ so the estimate is low (see the measurements below). Figures are for the whole g
 one device; with the batch sharded over n chips the similarity, pool, draw and gather parts run
 1/n per chip, the replicated bank parts (positives' sort, write, checks, refresh) do not shrink.
 
-Measured on the shared 2-core CPU (load average 4-8, so +-30%), semihard, exact top-k:
+Measured on the idle 2-core CPU (2026-11-24), semihard, exact top-k (the pool from
+ssl_jax/ops/topk.py's subsample-seeded top-k, which XLA:CPU runs faster than a bare lax.top_k;
+"bare" = the same run with it switched off):
 
   sizes (rows / pool / neg)      similarity  pool+draw  positives  gather  write  refresh  step
-  1,281,167 / 128,000 / 16,384     3165 ms   66342 ms     264 ms   2267 ms  12 ms   86 ms  53.7 s
-  128,116 / 12,800 / 1,638 (S=10)   411 ms    2400 ms      33 ms    310 ms   2 ms    9 ms   2.9 s
+  1,281,167 / 128,000 / 16,384      931 ms   20330 ms     250 ms   1012 ms   7 ms   38 ms  22.0 s
+    (bare lax.top_k: pool+draw 25048 ms, step 27.4 s)
+  128,116 / 12,800 / 1,638 (S=10)    98 ms    1393 ms       4 ms     98 ms   1 ms    4 ms  1.51 s
+    (bare lax.top_k: pool+draw 1558 ms, step 1.72 s)
+  50,000 / 500 / 128, batch 128, 80 clusters: similarity 10.9, pool+draw 31.5 (bare 41),
+    positives 1.6 ms (7.7 with the (label, index) pair sort that ImageNet's sizes still need)
     python benchmarks/bank_ops.py [--scale=10]
+    python benchmarks/bank_ops.py --rows=50000 --clusters=80 --pool=500 --neg=128 --batch=128
   (step = the fused `inter + memory` function, refresh amortised over 10 steps.) The top-k pool
   dominates; config.interclr.approx_top_k=True switches it to lax.approx_max_k, XLA's
   approximate top-k for TPU (not measured here: no TPU; on CPU it falls back to exact). At full
   size XLA's memory analysis gives 635 MiB of bank state and 2215 MiB of step temporaries (the
   [256, 1.28M] f32 similarities alone are 1.25 GiB; /8 per chip with the batch over 8 chips);
-  peak host RSS of the full-size CPU run 3.5 GB; 0 bank-sized copies (the bank is written in
-  place).
+  on CPU the seeded top-k's padded copy of the similarities adds 672 MiB (2887 MiB); peak host
+  RSS of the full-size CPU run 3.5 GB (before the seeded top-k); 0 bank-sized copies (the bank
+  is written in place).
 
 Last line: JSON.
 """

@@ -88,7 +88,8 @@ def _cifar10_cpu(c):
   size 125, as the reference's 128), min_cluster 20, 128 negatives from a pool of 500 (5% of the
   bank, half the reference's ratio: the exact top-k pool is the costliest bank op on CPU, and at
   1,000 the step was 1.18x MoCo v2's in benchmarks/step_time.py on the loaded machine, at 500
-  1.06-1.10x there; idle, at 500: 1.19-1.25x, see the issue #6 note).
+  1.06-1.10x there; idle, at 500: 1.15-1.20x with ops/topk.py's pruned exact top-k, 1.19-1.25x
+  before it; see the issue #6 note).
   The sampler is a permutation: in a 10-epoch run drawing with replacement would leave ~37% of
   the bank rows stale each epoch. The first 5 epochs
   train the intra branch alone (the reference hook's `warmup_epochs`, 0 on ImageNet): with no
