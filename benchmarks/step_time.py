@@ -1,7 +1,7 @@
 r"""Train-step throughput of each method against a supervised step on the same backbone and batch.
 
   python benchmarks/step_time.py [--config=configs/mocov2.py:cifar10_cpu] [--batch=128]
-      [--steps=5] [--methods=supervised,mocov2,swav,swav_2crop,interclr]
+      [--steps=5] [--methods=supervised,mocov2,swav,swav_2crop,interclr,interclr_ref]
 
 Every row runs the real trainer step (`trainer.make_train_step`: on-device augmentation, forward,
 backward, optimiser, method state update) on a fixed synthetic uint8 batch already on device, so
@@ -30,11 +30,13 @@ from ssl_jax.methods import base, get_method  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # row name -> (method, config whose method settings and views are timed). `swav` is the
 # multi-crop recipe (2 x 32 + 6 x 16 px, configs/swav.py:cifar10); `swav_2crop` the two-crop
-# recipe of the CPU quality run.
+# recipe of the CPU quality run. `interclr` is the CPU quality recipe (pool 500, 128 negatives);
+# `interclr_ref` the cifar10 variant (the reference's ratios: pool 5,000, 640 negatives).
 METHOD_CONFIGS = {'mocov2': ('mocov2', 'configs/mocov2.py:cifar10_cpu'),
                   'swav': ('swav', 'configs/swav.py:cifar10'),
                   'swav_2crop': ('swav', 'configs/swav.py:cifar10_cpu'),
-                  'interclr': ('interclr', 'configs/interclr.py:cifar10_cpu')}
+                  'interclr': ('interclr', 'configs/interclr.py:cifar10_cpu'),
+                  'interclr_ref': ('interclr', 'configs/interclr.py:cifar10')}
 
 
 class Classifier(nn.Module):
@@ -115,7 +117,7 @@ def main():
     config.model = base_cfg.model
     config.batch_size = args.batch
     config.num_steps = 1000
-    num_train = args.interclr_bank if name == 'interclr' else 50_000
+    num_train = args.interclr_bank if name.startswith('interclr') else 50_000
     seconds = time_method(method, config, mesh, batch, args.steps, num_train)
     rows.append({'method': name, 'step_ms': 1000 * seconds, 'img_per_s': args.batch / seconds})
   sup = next((r for r in rows if r['method'] == 'supervised'), None)
