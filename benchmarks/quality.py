@@ -20,24 +20,20 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ssl_jax import config_utils, optim, sharding, trainer  # noqa: E402
+from ssl_jax import config_utils, sharding, trainer  # noqa: E402
 from ssl_jax.data import sources, views  # noqa: E402
 from ssl_jax.methods import get_method  # noqa: E402
 
 
 def random_init_knn(config, mesh):
   """kNN of the network exactly as the trainer initialises it (same seed, same init)."""
-  method = get_method(config.method)
   train_source = sources.get_source(config.data, config.data.train_split)
   eval_source = sources.get_source(config.data, config.data.eval_split)
-  schedule = optim.lr_schedule(config.optimizer, 1, 1)
-  tx = optim.make_optimizer(config.optimizer, schedule)
-  model = method.create_model(config)
-  view_fn = views.build_view_fn(config.augment)
-  state, _ = trainer.create_train_state(config, method, model, tx, view_fn,
-                                        train_source.image_shape, len(train_source), mesh)
-  ctx = trainer.Context(config, model, mesh, train_source, views.eval_view_fn(config.augment))
-  return trainer.knn_eval(ctx, state, eval_source, config.knn)
+  built = trainer.build(config, get_method(config.method), mesh, train_source.image_shape,
+                        len(train_source), 1, 1)
+  ctx = trainer.Context(config, built.model, mesh, train_source,
+                        views.eval_view_fn(config.augment))
+  return trainer.knn_eval(ctx, built.state, eval_source, config.knn)
 
 
 def main():

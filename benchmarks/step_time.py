@@ -23,7 +23,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from ssl_jax import config_utils, models, optim, sharding, trainer  # noqa: E402
+from ssl_jax import config_utils, models, sharding, trainer  # noqa: E402
 from ssl_jax.data import views  # noqa: E402
 from ssl_jax.methods import base, get_method  # noqa: E402
 
@@ -68,14 +68,8 @@ def supervised_method(num_classes=10):
 
 
 def time_method(method, config, mesh, batch, steps, num_train=50_000):
-  schedule = optim.lr_schedule(config.optimizer, 1000, 100)
-  tx = optim.make_optimizer(config.optimizer, schedule)
-  model = method.create_model(config)
-  view_fn = views.build_view_fn(config.augment)
-  image_shape = batch['image'].shape[1:]
-  state, shardings = trainer.create_train_state(config, method, model, tx, view_fn, image_shape,
-                                                num_train, mesh)
-  step = trainer.make_train_step(config, method, model, tx, view_fn, schedule, mesh, shardings)
+  built = trainer.build(config, method, mesh, batch['image'].shape[1:], num_train, 1000, 100)
+  state, step = built.state, built.train_step
   times = []
   for i in range(steps + 2):
     t = time.perf_counter()

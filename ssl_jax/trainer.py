@@ -10,7 +10,7 @@ logging of loss/lr/l2 norms/img/s, online weighted kNN, and `summary.json` at th
 import json
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -77,6 +77,37 @@ def _freeze(tx, new_params, old_params, new_opt, old_opt, frozen):
       transform_non_params=lambda v: jax.tree.map(lambda _: jnp.asarray(False), v))
   opt_state = jax.tree.map(pick, opt_mask, new_opt, old_opt)
   return params, opt_state
+
+
+class Built(NamedTuple):
+  """What `build` makes for a method: the pieces a run, a test or a benchmark needs."""
+  model: Any
+  tx: Any
+  schedule: Any
+  view_fn: Any
+  state: Any           # the initial, sharded TrainState
+  train_step: Any      # jitted, state-donating step
+
+
+def build(config, method, mesh, image_shape, num_train, total_steps, steps_per_epoch) -> Built:
+  """Model, optimiser, schedule, augmentation, initial state and jitted step for `config`.
+
+  Args:
+    config: the run's ConfigDict.
+    method: a Method (`get_method(config.method)` or a benchmark's own).
+    mesh: the device mesh.
+    image_shape: (H, W, C) of the stored training images.
+    num_train: number of training examples (InterCLR's bank has a row per example).
+    total_steps, steps_per_epoch: the schedule's length and epoch.
+  """
+  schedule = optim.lr_schedule(config.optimizer, total_steps, steps_per_epoch)
+  tx = optim.make_optimizer(config.optimizer, schedule)
+  model = method.create_model(config)
+  view_fn = views.build_view_fn(config.augment)
+  state, shardings = create_train_state(config, method, model, tx, view_fn, image_shape,
+                                        num_train, mesh)
+  train_step = make_train_step(config, method, model, tx, view_fn, schedule, mesh, shardings)
+  return Built(model, tx, schedule, view_fn, state, train_step)
 
 
 def make_train_step(config, method, model, tx, view_fn, schedule, mesh, state_shardings):
@@ -192,13 +223,10 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict:
   # stop_at_step splits a run into several jobs (wall-time limits): it checkpoints and returns
   # early; the next job on the same workdir resumes with the identical schedule.
   stop_at = min(config.get('stop_at_step', 0) or total_steps, total_steps)
-  schedule = optim.lr_schedule(config.optimizer, total_steps, steps_per_epoch)
-  tx = optim.make_optimizer(config.optimizer, schedule)
-  model = method.create_model(config)
-  view_fn = views.build_view_fn(config.augment)
-  ctx = Context(config, model, mesh, train_source, views.eval_view_fn(config.augment))
-  state, shardings = create_train_state(config, method, model, tx, view_fn,
-                                        train_source.image_shape, len(train_source), mesh)
+  built = build(config, method, mesh, train_source.image_shape, len(train_source), total_steps,
+                steps_per_epoch)
+  state, train_step = built.state, built.train_step
+  ctx = Context(config, built.model, mesh, train_source, views.eval_view_fn(config.augment))
 
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpointing.Checkpointer(workdir, config.get('keep_checkpoints', 2))
@@ -214,7 +242,6 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> dict:
   writer = metric_writers.MetricWriter(workdir, is_main=jax.process_index() == 0)
   writer.write_hparams(config.to_dict())
   progress = metric_writers.Progress(total_steps, start)
-  train_step = make_train_step(config, method, model, tx, view_fn, schedule, mesh, shardings)
   data = pipeline.TrainIterator(train_source, global_batch_size=config.batch_size,
                                 seed=config.seed, mesh=mesh, start_step=start,
                                 sampler=config.data.get('sampler', 'permutation'))

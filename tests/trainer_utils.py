@@ -34,21 +34,15 @@ def build_trainer(config, devices):
   Returns (mesh, source, state, train_step, ctx): the train split, the initial (sharded) state,
   the jitted step (10-step schedule) and the feature-extraction context.
   """
-  from ssl_jax import optim, sharding, trainer  # pylint: disable=g-import-not-at-top
+  from ssl_jax import sharding, trainer  # pylint: disable=g-import-not-at-top
   from ssl_jax.data import sources, views  # pylint: disable=g-import-not-at-top
   from ssl_jax.methods import get_method  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(devices)
-  method = get_method(config.method)
   source = sources.get_source(config.data, 'train')
-  schedule = optim.lr_schedule(config.optimizer, 10, 10)
-  tx = optim.make_optimizer(config.optimizer, schedule)
-  model = method.create_model(config)
-  view_fn = views.build_view_fn(config.augment)
-  state, shardings = trainer.create_train_state(config, method, model, tx, view_fn,
-                                                source.image_shape, len(source), mesh)
-  step = trainer.make_train_step(config, method, model, tx, view_fn, schedule, mesh, shardings)
-  ctx = trainer.Context(config, model, mesh, source, views.eval_view_fn(config.augment))
-  return mesh, source, state, step, ctx
+  built = trainer.build(config, get_method(config.method), mesh, source.image_shape, len(source),
+                        10, 10)
+  ctx = trainer.Context(config, built.model, mesh, source, views.eval_view_fn(config.augment))
+  return mesh, source, built.state, built.train_step, ctx
 
 
 def read_state(workdir, step=None):
