@@ -50,6 +50,13 @@ class Source:
   def __getitem__(self, i: int) -> dict[str, Any]:
     raise NotImplementedError
 
+  def _checked_index(self, i) -> int:
+    """`i` as an int, or IndexError naming the source when it is outside [0, len)."""
+    i = int(i)
+    if not 0 <= i < len(self):
+      raise IndexError(f"{self.name}: index {i} out of range [0, {len(self)}).")
+    return i
+
   def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     """Reads the records at `indices` (any order, repeats allowed).
 
@@ -210,9 +217,7 @@ class ArraySource(Source):
     return len(self.images)
 
   def __getitem__(self, i: int) -> dict[str, Any]:
-    i = int(i)
-    if not 0 <= i < len(self):
-      raise IndexError(f"{self.name}: index {i} out of range [0, {len(self)}).")
+    i = self._checked_index(i)
     return {"image": self.images[i], "label": int(self.labels[i]), "index": i}
 
   def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
@@ -387,9 +392,7 @@ class FolderSource(Source):
     return image
 
   def __getitem__(self, i: int) -> dict[str, Any]:
-    i = int(i)
-    if not 0 <= i < len(self):
-      raise IndexError(f"{self.name}: index {i} out of range [0, {len(self)}).")
+    i = self._checked_index(i)
     image = self._decode(i)
     if image.shape != self.image_shape:
       raise ValueError(f"{self.name}: image {self.files[i]!r} has shape {image.shape} but "

@@ -87,9 +87,7 @@ class DataSourceRecords(Source):
     return len(self._ds)
 
   def __getitem__(self, i: int) -> dict[str, Any]:
-    i = int(i)
-    if not 0 <= i < len(self):
-      raise IndexError(f"{self.name}: index {i} out of range [0, {len(self)}).")
+    i = self._checked_index(i)
     return self._to_record(self._ds[i], i)
 
   def _to_record(self, raw: dict, i: int) -> dict[str, Any]:

@@ -51,7 +51,7 @@ def _label_order(labels):
   labels = labels.astype(jnp.int32)
   index = jnp.arange(n, dtype=jnp.int32)
   fits = (jnp.min(labels) >= 0) & (jnp.max(labels) <= (2**31 - n) // n)
-  packed = lambda: jnp.sort(jnp.where(fits, labels, 0) * n + index) % n
+  packed = lambda: jnp.sort(labels * n + index) % n  # runs only when it fits
   return lax.cond(fits, packed, lambda: jnp.argsort(labels, stable=True).astype(jnp.int32))
 
 
